@@ -162,7 +162,7 @@ class FilterbankFeatures(nn.Module):
         self.highfreq = highfreq or sample_rate / 2
         fb = mel_filterbank(sample_rate, self.n_fft, nfilt, lowfreq, self.highfreq, norm=mel_norm)
         self.register_buffer("fb", torch.tensor(fb, dtype=torch.float).unsqueeze(0))
-        max_length = self.get_seq_len(torch.tensor(max_duration * sample_rate, dtype=torch.float))
+        max_length = self.get_seq_len(torch.tensor(max_duration * sample_rate, dtype=torch.float, device="cpu"))
         max_pad = pad_to - (max_length % pad_to) if (isinstance(pad_to, int) and pad_to > 0) else 0
         self.max_length = max_length + max_pad
         self.pad_value = pad_value

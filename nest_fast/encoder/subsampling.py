@@ -70,7 +70,9 @@ class ConvSubsampling(nn.Module):
                 nn.Conv2d(conv_channels, conv_channels, kernel_size=1, stride=1, padding=0, groups=1),
                 activation,
             ]
-        out_freq = int(conv_out_length(torch.tensor([feat_in]), repeat=self._sampling_num)[0])
+        out_freq = feat_in
+        for _ in range(self._sampling_num):
+            out_freq = (out_freq + 2 * 1 - 3) // 2 + 1
         self.out = nn.Linear(conv_channels * out_freq, feat_out)
         self.conv = MaskedConvSequential(*layers)
 

@@ -99,7 +99,7 @@ def _conv_stats_kernel(g_ptr, w_ptr, pmean_ptr, pm2_ptr, T, C, n_chunks, CHUNK,
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = cols < C
     g_base = g_ptr + b.to(tl.int64) * T * C
-    n = 0.0
+    n = tl.zeros([BC], dtype=tl.float32)  # row count (same in every lane; a vector keeps loop types simple)
     mean = tl.zeros([BC], dtype=tl.float32)
     m2 = tl.zeros([BC], dtype=tl.float32)
     for t0 in range(t_begin, t_end, BT):
@@ -137,10 +137,10 @@ def _bn_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, P, C, bias_ptr, gamma_ptr,
     if EVAL:
         rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(rv_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-        n = 0.0
+        n = tl.zeros([BC], dtype=tl.float32)
         c0 = tl.zeros([BC], dtype=tl.float32)
     else:
-        n = 0.0
+        n = tl.zeros([BC], dtype=tl.float32)
         mean = tl.zeros([BC], dtype=tl.float32)
         m2 = tl.zeros([BC], dtype=tl.float32)
         for p0 in range(0, P, BP):
@@ -187,7 +187,7 @@ def _bn_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, P, C, bias_ptr, gamma_ptr,
         tl.store(coef_ptr + C + cols, shift, mask=cmask)
         tl.store(coef_ptr + 2 * C + cols, c0, mask=cmask)
         tl.store(coef_ptr + 3 * C + cols, rstd, mask=cmask)
-        tl.store(coef_ptr + 4 * C + cols, tl.zeros([BC], dtype=tl.float32) + n, mask=cmask)
+        tl.store(coef_ptr + 4 * C + cols, n, mask=cmask)
         if UPDATE:
             if CUMULATIVE:
                 f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
@@ -333,8 +333,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# tests set this to (BT, BC, tiles_per_program) to exercise multi-tile / multi-chunk / multi-block paths
+_FORCE_GEOMETRY: Optional[Tuple[int, int, int]] = None
+
+
 def _geometry(B: int, T: int, C: int, device: torch.device) -> Tuple[int, int, int, int, int]:
     """(BT, BC, CHUNK, n_chunks, num_warps): each program walks CHUNK rows of one sequence in BT-row tiles."""
+    if _FORCE_GEOMETRY is not None:
+        BT, BC, per_prog = _FORCE_GEOMETRY
+        return BT, BC, BT * per_prog, triton.cdiv(T, BT * per_prog), 4
     if device.type != "cuda":  # interpreter: few, large programs run fastest
         BT = min(64, _next_pow2(T))
         BC = min(64, _next_pow2(C))

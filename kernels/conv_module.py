@@ -347,7 +347,7 @@ def _geometry(B: int, T: int, C: int, device: torch.device) -> Tuple[int, int, i
         BC = min(64, _next_pow2(C))
         chunk = triton.cdiv(T, BT) * BT
         return BT, BC, chunk, 1, 4
-    BT = min(32, _next_pow2(T))
+    BT = min(32, max(8, _next_pow2(T)))
     BC = min(128, max(16, _next_pow2(C)))
     n_c = triton.cdiv(C, BC)
     tiles = B * triton.cdiv(T, BT) * n_c

@@ -30,7 +30,6 @@ those ops. Accumulation is fp32 for fp32/fp16/bf16 inputs; g, z, dy and dh are s
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch

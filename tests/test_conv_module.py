@@ -444,3 +444,28 @@ def test_gpu_fp32_large(train):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
     compare(fast, ref, out_tol=1e-4, grad_tol=2e-4)
     compare_bn_state(m_fast.batch_norm, m_ref.batch_norm, tol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bf16_module_against_fp32(train):
+    """A module cast to bf16 (bf16 params, grads and running stats): the fast path is at least as close to the
+    fp32 reference as the bf16 reference is (≤ 2x its error + 2e-2 relative). Runs on CPU (interpreter) too."""
+    B, T, C, k = 2, 13, 16, 9
+    m0 = make_module(C, k, device=DEV).train(train)
+    x, mask, r = make_inputs(B, T, C, [13, 8], device=DEV)
+    m32 = copy.deepcopy(m0)
+    ref32 = run_both(copy.deepcopy(m0), m32, x, mask, r)[1]
+    m16 = copy.deepcopy(m0).to(torch.bfloat16)
+    fast, ref16 = run_both(m16, copy.deepcopy(m16), x.bfloat16(), mask, r.bfloat16())
+    for what, a, b, c in [("output", fast[0], ref16[0], ref32[0])] + [
+            (f"grad {n}", fast[1][n], ref16[1][n], ref32[1][n]) for n in ref32[1]]:
+        assert a.dtype == torch.bfloat16
+        if what == "grad depthwise_conv.bias" and train:
+            continue  # zero up to rounding noise (see compare)
+        scale = max(1.0, c.float().abs().max().item())
+        e_fast, e_ref = max_err(a, c), max_err(b, c)
+        assert e_fast <= 2 * e_ref + 2e-2 * scale, f"bf16 {what}: fast {e_fast:.3e} vs ref {e_ref:.3e}"
+    if train:
+        assert int(m16.batch_norm.num_batches_tracked) == 1
+        assert m16.batch_norm.running_var.dtype == torch.bfloat16
+        check(m16.batch_norm.running_var, m32.batch_norm.running_var, 1e-2, "bf16 running_var")

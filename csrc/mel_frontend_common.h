@@ -6,7 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/stack.h>
 
 #if defined(__CUDACC__)
 #define NF_HD __host__ __device__ __forceinline__

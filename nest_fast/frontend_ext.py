@@ -62,7 +62,12 @@ def _register_fake() -> None:
     @torch.library.register_fake("nest_fast::mel_frontend")
     def _mel_frontend_fake(x, lengths, window, fb, hop, n_fft, preemph, dither, seed, offset, log_guard,
                            log_mode, normalize, pad_to, pad_value, mag_power, legacy):
-        torch._check(x.dim() == 2, lambda: "nest_fast::mel_frontend: x (audio) must be 2-D")
+        torch._check(x.dim() == 2, lambda: f"nest_fast::mel_frontend: x (audio) must be 2-D, got {tuple(x.shape)}")
+        torch._check(x.dtype == torch.float32, lambda: f"nest_fast::mel_frontend: x (audio) must be float32, got {x.dtype}")
+        torch._check(lengths.device == x.device,
+                     lambda: f"nest_fast::mel_frontend: lengths is on {lengths.device} but x (audio) is on {x.device}")
+        torch._check(lengths.dtype == torch.int64,
+                     lambda: f"nest_fast::mel_frontend: lengths must be int64, got {lengths.dtype}")
         B, N = x.shape
         T = N // hop + 1
         if pad_to > 0:

@@ -72,8 +72,11 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: Op
     return weights
 
 
-def normalize_batch(x: torch.Tensor, seq_len: torch.Tensor, normalize_type):
-    """Per-feature (or all-feature) normalisation over valid frames, NeMo 3.0.0 semantics."""
+def normalize_batch(x: torch.Tensor, seq_len: torch.Tensor, normalize_type, legacy: bool = False):
+    """Per-feature (or all-feature) normalisation over valid frames, NeMo 3.0.0 semantics.
+
+    ``legacy=True`` (NeMo ≤ 2.4, per_feature): no NaN guard for one-frame utterances and padded frames are
+    left for the caller's final pad mask."""
     if normalize_type == "per_feature":
         B, _, T = x.shape
         valid = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T) < seq_len.unsqueeze(1)
@@ -82,10 +85,12 @@ def normalize_batch(x: torch.Tensor, seq_len: torch.Tensor, normalize_type):
         mean = num / den.unsqueeze(1)
         std = torch.sqrt(torch.sum(torch.where(valid.unsqueeze(1), x - mean.unsqueeze(2), 0.0) ** 2, axis=2)
                          / (den.unsqueeze(1) - 1.0))
-        std = std.masked_fill(std.isnan(), 0.0)
+        if not legacy:
+            std = std.masked_fill(std.isnan(), 0.0)
         std += CONSTANT
         out = (x - mean.unsqueeze(2)) / std.unsqueeze(2)
-        out.masked_fill_(~valid.unsqueeze(1), 0.0)
+        if not legacy:
+            out.masked_fill_(~valid.unsqueeze(1), 0.0)
         return out, mean, std
     if normalize_type == "all_features":
         mean = torch.zeros(seq_len.shape, dtype=x.dtype, device=x.device)
@@ -235,10 +240,7 @@ def mel_frontend_reference(fe: FilterbankFeatures, x: torch.Tensor, seq_len: tor
             seq.append(torch.cat([x[:, :, :n], x[:, :, n:]], dim=2))
         x = torch.cat(seq, dim=1)
     if fe.normalize:
-        if fe.legacy_stft and fe.normalize == "per_feature":
-            x = _normalize_legacy(x, seq_len)
-        else:
-            x, _, _ = normalize_batch(x, seq_len, fe.normalize)
+        x, _, _ = normalize_batch(x, seq_len, fe.normalize, legacy=fe.legacy_stft)
     max_len = x.size(-1)
     mask = torch.arange(max_len, device=x.device).repeat(x.size(0), 1) >= seq_len.unsqueeze(1)
     x = x.masked_fill(mask.unsqueeze(1), fe.pad_value)
@@ -250,19 +252,6 @@ def mel_frontend_reference(fe: FilterbankFeatures, x: torch.Tensor, seq_len: tor
         if pad_amt != 0:
             x = nn.functional.pad(x, (0, pad_to - pad_amt), value=fe.pad_value)
     return x, seq_len
-
-
-def _normalize_legacy(x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
-    """≤ 2.4 per-feature normalisation: no NaN guard for one-frame utterances, padded frames untouched."""
-    B, _, T = x.shape
-    valid = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T) < seq_len.unsqueeze(1)
-    num = torch.where(valid.unsqueeze(1), x, 0.0).sum(axis=2)
-    den = valid.sum(axis=1)
-    mean = num / den.unsqueeze(1)
-    std = torch.sqrt(torch.sum(torch.where(valid.unsqueeze(1), x - mean.unsqueeze(2), 0.0) ** 2, axis=2)
-                     / (den.unsqueeze(1) - 1.0))
-    std += CONSTANT
-    return (x - mean.unsqueeze(2)) / std.unsqueeze(2)
 
 
 class AudioToMelSpectrogramPreprocessor(nn.Module):

@@ -5,8 +5,11 @@
 (``[B, nfilt, T_mel]`` float32 features, ``[B]`` int64 frame lengths). ``supports(...)`` tells
 :mod:`nest_fast.backend` whether the op implements the given configuration and device.
 
-The compiled extension (``nest_fast._C``, plus ``nest_fast._C_cuda`` for CUDA tensors) is loaded
-lazily, on first use, so ``import nest_fast`` never needs it.
+The compiled extension (``nest_fast._C``, plus ``nest_fast._C_cuda`` when CUDA is available) is loaded when
+this module is imported, which ``nest_fast.backend`` does lazily (first "fast" dispatch), so ``import nest_fast``
+never needs it; a missing extension just makes ``supports`` say no.
+Under ``torch.compile`` the op is a single graph node (fake implementation registered below); in train mode
+drawing the dither seed (``int(torch.randint(...))``) is a graph break before it.
 
 Differences from the reference, by design:
 
@@ -37,8 +40,8 @@ LOG_MODES = {"add": 1, "clamp": 2}
 def _load(device_type: str) -> bool:
     """Import the extension for ``device_type`` ("cpu" or "cuda"); False when it is not built."""
     key = "cuda" if device_type == "cuda" else "cpu"
-    if key in _loaded:
-        return _loaded[key]
+    if key in _loaded or torch.compiler.is_compiling():  # (no imports or locks inside a traced region)
+        return _loaded.get(key, False)
     with _lock:
         if key in _loaded:
             return _loaded[key]
@@ -155,3 +158,9 @@ def mel_frontend_fast(fe, x: torch.Tensor, seq_len: torch.Tensor, linear_spec: b
 
 
 mel_frontend_fast.supports = supports
+
+# Load the extension(s) when this module is first imported (nest_fast.backend imports it lazily, on the first
+# "fast" dispatch of mel_frontend), so that code traced by torch.compile later finds the op registered.
+_load("cpu")
+if torch.cuda.is_available():
+    _load("cuda")

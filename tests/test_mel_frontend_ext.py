@@ -287,6 +287,14 @@ def test_compile_single_node():
     ref = mel_frontend_reference(fe, x.clone(), lens)
     assert torch.equal(out[1], ref[1])
     assert_close_features(out[0], ref[0])
+    # through the Python wrapper (eval mode: no dither seed to draw) it is still one graph, one op node
+    graphs.clear()
+    torch._dynamo.reset()
+    out2 = torch.compile(lambda x, lens: ext.mel_frontend_fast(fe, x, lens), backend=count_backend,
+                         fullgraph=True, dynamic=False)(x, lens)
+    ops = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and "nest_fast" in str(n.target)]
+    assert len(graphs) == 1 and len(ops) == 1
+    assert torch.equal(out2[0], out[0])
     # the fake implementation gives the real shapes and dtypes
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

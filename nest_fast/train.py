@@ -125,6 +125,10 @@ def _trainer_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
         t["strategy"] = "auto"  # one process: no DDP wrapper
     if world == 1:
         t["sync_batchnorm"] = False
+    elif acc == "cpu" and t.get("sync_batchnorm"):
+        # torch's SyncBatchNorm refuses CPU tensors: the module converts to CPUSyncBatchNorm itself
+        t["sync_batchnorm"] = False
+        cfg.setdefault("_runtime", {})["cpu_sync_batchnorm"] = True
     t["use_distributed_sampler"] = False  # our samplers shard by rank themselves
     return t
 

@@ -1,6 +1,7 @@
 """A small synthetic speech-like corpus for the demo and the tests, generated in code (numpy only).
 
-Utterances are sequences of words of formant-synthesised syllables: an optional consonant (fricative noise in
+Utterances are word sequences from a 16-word lexicon chained by a bigram grammar (so context predicts what
+is masked); words are fixed sequences of formant-synthesised syllables: an optional consonant (fricative noise in
 a speaker-dependent band, a stop = closure + burst, or a nasal murmur) then a vowel whose glottal source follows
 a pitch contour (declination over the utterance, an accent per word, vibrato) and whose spectrum is shaped by
 the vowel's three formants scaled by the speaker's vocal-tract length. Eight speakers, six vowels, seven
@@ -23,7 +24,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 SR = 16000
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 
 # (F1, F2, F3) Hz, adult average (Peterson & Barney style)
 VOWELS = {"a": (730, 1090, 2440), "i": (270, 2290, 3010), "u": (300, 870, 2240), "e": (530, 1840, 2480),
@@ -100,35 +101,56 @@ def _syllable(cons: str, vowel: str, f0: np.ndarray, spk: Dict, rng, sr: int) ->
     return np.concatenate(parts)
 
 
-def synth_utterance(rng, spk: Dict, duration: float, sr: int = SR) -> np.ndarray:
-    """About ``duration`` seconds of formant-synthesised 'speech' from speaker ``spk``."""
+def make_lexicon(rng, num_words: int = 16) -> List[List[Tuple[str, str, float]]]:
+    """A small vocabulary: each word a fixed sequence of (consonant, vowel, relative length) syllables."""
+    words = []
+    for _ in range(num_words):
+        n_syl = int(rng.integers(1, 4))
+        words.append([(CONSONANTS[int(rng.integers(len(CONSONANTS)))], list(VOWELS)[int(rng.integers(len(VOWELS)))],
+                       float(rng.uniform(0.8, 1.25))) for _ in range(n_syl)])
+    return words
+
+
+def make_grammar(rng, num_words: int) -> np.ndarray:
+    """Word bigram probabilities: each word is followed by one of 3 preferred successors most of the time."""
+    P = np.full((num_words, num_words), 0.1 / num_words)
+    for w in range(num_words):
+        succ = rng.choice(num_words, 3, replace=False)
+        P[w, succ] += np.array([0.5, 0.25, 0.15])
+    return P / P.sum(axis=1, keepdims=True)
+
+
+def synth_utterance(rng, spk: Dict, duration: float, sr: int = SR, lexicon=None, grammar=None) -> np.ndarray:
+    """About ``duration`` seconds of formant-synthesised 'speech' from speaker ``spk``: words of ``lexicon``
+    chained by the bigram ``grammar`` (random syllables when no lexicon is given)."""
     out: List[np.ndarray] = [np.zeros(int(rng.uniform(0.05, 0.2) * sr))]
     total = len(out[0])
     target = int(duration * sr)
-    n_words_est = max(1, int(duration / 0.7))
+    word = int(rng.integers(len(lexicon))) if lexicon else 0
     w = 0
-    while total < target - int(0.15 * sr):
-        n_syl = int(rng.integers(1, 4))
-        accent = int(rng.integers(0, n_syl))
-        for s in range(n_syl):
+    while total < target - int(0.15 * sr) and w < 64:
+        if lexicon:
+            sylls = lexicon[word]
+            word = int(rng.choice(len(lexicon), p=grammar[word]))
+        else:
+            sylls = [(CONSONANTS[int(rng.integers(len(CONSONANTS)))], list(VOWELS)[int(rng.integers(len(VOWELS)))],
+                      float(rng.uniform(0.8, 1.25))) for _ in range(int(rng.integers(1, 4)))]
+        accent = len(sylls) // 2
+        for s, (cons, vowel, rel) in enumerate(sylls):
             t_rel = min(1.0, total / max(target, 1))
             base = spk["f0"] * (1.1 - 0.25 * t_rel)  # declination
-            dur = rng.uniform(0.11, 0.22) * (1.3 if s == accent else 1.0)
+            dur = 0.16 * rel * rng.uniform(0.92, 1.08) * (1.3 if s == accent else 1.0)
             nv = int(dur * sr)
             t = np.arange(nv) / sr
             rise = (0.18 if s == accent else 0.0) * np.sin(np.pi * t / dur)
-            f0 = base * (1 + rise + 0.015 * np.sin(2 * np.pi * 5.5 * t)) * (1 + 0.05 * (w % 2))
-            cons = CONSONANTS[int(rng.integers(len(CONSONANTS)))]
-            vowel = list(VOWELS)[int(rng.integers(len(VOWELS)))]
+            f0 = base * (1 + rise + 0.015 * np.sin(2 * np.pi * 5.5 * t))
             syl = _syllable(cons, vowel, f0, spk, rng, sr) * (1.0 if s == accent else 0.7)
             out.append(syl)
             total += len(syl)
-        pause = np.zeros(int(rng.uniform(0.05, 0.18) * sr))
+        pause = np.zeros(int(rng.uniform(0.04, 0.12) * sr))
         out.append(pause)
         total += len(pause)
         w += 1
-        if w > 4 * n_words_est:
-            break
     y = np.concatenate(out)[:target]
     y = y + 10 ** (-55 / 20) * rng.standard_normal(len(y))  # faint room noise
     return (0.3 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
@@ -185,13 +207,15 @@ def make_demo_corpus(root: str, num_train: int = 160, num_val: int = 24, num_noi
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed)
     speakers = _speakers(rng, 8)
+    lexicon = make_lexicon(rng)
+    grammar = make_grammar(rng, len(lexicon))
     for split, count in (("train", num_train), ("val", num_val)):
         os.makedirs(os.path.join(tmp, split))
         lines = []
         for k in range(count):
             spk_id = int(rng.integers(len(speakers)))
             dur = float(rng.uniform(min_dur, max_dur))
-            y = synth_utterance(rng, speakers[spk_id], dur)
+            y = synth_utterance(rng, speakers[spk_id], dur, lexicon=lexicon, grammar=grammar)
             sr = SR
             if k % 8 == 7:  # some files at 22.05 kHz: the loader resamples them
                 from .audio import resample

@@ -141,6 +141,15 @@ class NESTLightningModule(pl.LightningModule):
         self._t_last: Optional[float] = None
         self._restored = False
 
+    def setup(self, stage: str) -> None:
+        # before the DDP wrap; seeds: identical init everywhere (DDP also broadcasts), per-rank RNG afterwards
+        if (self.cfg.get("_runtime") or {}).get("cpu_sync_batchnorm") and self.trainer.world_size > 1:
+            from .syncbn import convert_sync_batchnorm
+
+            convert_sync_batchnorm(self.model)
+        if self.trainer.world_size > 1:
+            torch.manual_seed(self.seed * 1000 + 17 * self.trainer.global_rank + 1)
+
     # ---------------------------------------------------------------- data
     def _world(self):
         return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)

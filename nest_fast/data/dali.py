@@ -340,30 +340,34 @@ class DALIAudioNoiseLoader:
     def _build(self, batch_size: int):
         dali, fn, types = _dali()
         self._pipe = None
-        K = self.noise_trials
-        pipe = dali.Pipeline(batch_size=batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                             prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed & 0x7FFFFFFF)
+        K, q, has_noise, gpu = self.noise_trials, self.resample_quality, self.has_noise, self.device_id is not None
         f64, i64 = types.FLOAT64, types.INT64
         target = float(self.sample_rate)
+        source = self._source
 
-        def cut_and_resample(audio, sr, start, nframes):
-            """``audio[start:start+nframes]`` (trimmed to the clip), resampled to the target rate; returns the
-            clip, the librosa length ``ceil(n * target / sr)`` and the clip's sum."""
-            sr64 = fn.cast(sr, dtype=f64)
-            n = audio.shape(dtype=i64)[0]
-            start = dali.math.clamp(start, 0, n)
-            nin = dali.math.clamp(nframes, 0, n - start)
-            seg = fn.slice(audio, start, nin, axes=[0], out_of_bounds_policy="trim_to_shape")
-            out = fn.audio_resample(seg, in_rate=sr, out_rate=target, quality=self.resample_quality)
-            exp_len = fn.cast(dali.math.ceil(fn.cast(nin, dtype=f64) * target / sr64), dtype=i64)
-            return out, exp_len, fn.reductions.sum(out)
+        # enable_conditionals: the per-sample ``if`` below splits the batch, so that files already at the target
+        # rate skip fn.audio_resample (which runs its full sinc filter even at equal rates: 8x the decode time)
+        @dali.pipeline_def(enable_conditionals=True)
+        def graph():
+            def cut_and_resample(audio, sr, start, nframes):
+                """``audio[start:start+nframes]`` (trimmed to the clip), resampled to the target rate; returns the
+                clip, the librosa length ``ceil(n * target / sr)`` and the clip's sum."""
+                sr64 = fn.cast(sr, dtype=f64)
+                n = audio.shape(dtype=i64)[0]
+                start = dali.math.clamp(start, 0, n)
+                nin = dali.math.clamp(nframes, 0, n - start)
+                seg = fn.slice(audio, start, nin, axes=[0], out_of_bounds_policy="trim_to_shape")
+                if sr != target:
+                    out = fn.audio_resample(seg, in_rate=sr, out_rate=target, quality=q)
+                else:
+                    out = seg
+                exp_len = fn.cast(dali.math.ceil(fn.cast(nin, dtype=f64) * target / sr64), dtype=i64)
+                return out, exp_len, fn.reductions.sum(out)
 
-        with pipe:
             dtypes, ndims = [types.UINT8, f64, f64], [1, 0, 0]  # path, offset, duration
-            if self.has_noise:
+            if has_noise:
                 dtypes, ndims = dtypes + [types.UINT8, i64], ndims + [1, 1]  # noise path, [starts..., frames]
-            srcs = fn.external_source(source=self._source, num_outputs=len(dtypes), batch=True, dtype=dtypes,
-                                      ndim=ndims)
+            srcs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims)
             path, off, dur = srcs[0], srcs[1], srcs[2]
             audio, sr = fn.decoders.audio(fn.io.file.read(path), downmix=True, dtype=types.FLOAT)
             sr64 = fn.cast(sr, dtype=f64)
@@ -372,9 +376,8 @@ class DALIAudioNoiseLoader:
             has_dur = fn.cast(dur > 0, dtype=i64)
             want = has_dur * fn.cast(dali.math.floor(dur * sr64), dtype=i64) + (1 - has_dur) * n
             a, a_exp, a_sum = cut_and_resample(audio, sr, start, want)
-            a_len = a.shape(dtype=i64)[0]
-            outs = [a, a_len, a_exp, a_sum]
-            if self.has_noise:
+            outs = [a, a.shape(dtype=i64)[0], a_exp, a_sum]
+            if has_noise:
                 npath, nplan = srcs[3], srcs[4]  # nplan: [starts (K)..., frames]
                 nz, nsr = fn.decoders.audio(fn.io.file.read(npath), downmix=True, dtype=types.FLOAT)
                 nn = nz.shape(dtype=i64)[0]
@@ -388,14 +391,17 @@ class DALIAudioNoiseLoader:
                     chosen = ok * st + (1 - ok) * chosen
                 z, z_exp, z_sum = cut_and_resample(nz, nsr, chosen, frames)
                 outs += [z, z.shape(dtype=i64)[0], z_exp, z_sum]
-            if self.device_id is not None:
+            if gpu:
                 outs[0] = outs[0].gpu()
-                if self.has_noise:
-                    outs[4] = outs[4].gpu()
             outs[0] = fn.pad(outs[0], axes=[0])
-            if self.has_noise:
+            if has_noise:
+                if gpu:
+                    outs[4] = outs[4].gpu()
                 outs[4] = fn.pad(outs[4], axes=[0])
-            pipe.set_outputs(*outs)
+            return tuple(outs)
+
+        pipe = graph(batch_size=batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                     prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed & 0x7FFFFFFF)
         pipe.build()
         self._pipe, self._pipe_bs = pipe, batch_size
 
@@ -792,7 +798,8 @@ def build_dali_loader(ds: AudioNoiseDataset, ds_cfg: Mapping[str, Any], seed: in
     from ..training.data import build_loader
 
     _dali()
-    torch_loader, sampler = build_loader(ds, ds_cfg, seed, rank, world_size, train)
+    # loader=torch: build_loader may dispatch on this key to us
+    torch_loader, sampler = build_loader(ds, dict(ds_cfg, loader="torch"), seed, rank, world_size, train)
     seeded = torch_loader.dataset
     threads = ds_cfg.get("dali_num_threads") or max(1, int(ds_cfg.get("num_workers", 0) or 0))
     loader = DALIAudioNoiseLoader(ds, sampler, seed=seeded.seed, augment=seeded.augment, num_threads=int(threads),

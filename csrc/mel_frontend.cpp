@@ -207,16 +207,48 @@ std::tuple<Tensor, Tensor> mel_frontend_cpu(const Tensor& x_, const Tensor& leng
   return {out, lens_out};
 }
 
+// Test hook: the fused CUDA kernel's FFT (pack -> Stockham passes -> real split -> power), run index for index
+// on the CPU so its indexing is checked without a GPU. frames [F, L] float32, L a power of two >= 4.
+Tensor rfft_power_emulate(const Tensor& frames_, double mag_power) {
+  TORCH_CHECK(frames_.dim() == 2 && frames_.scalar_type() == at::kFloat,
+              "nest_fast::_rfft_power_emulate: frames must be a 2-D float32 tensor, got ", frames_.sizes(), " ",
+              frames_.scalar_type());
+  const int64_t L = frames_.size(1);
+  TORCH_CHECK(mel::is_pow2(L) && L >= 4, "nest_fast::_rfft_power_emulate: frame length must be a power of two >= 4, got ", L);
+  const Tensor frames = frames_.contiguous();
+  const int M = static_cast<int>(L / 2);
+  Tensor out = at::empty({frames.size(0), M + 1}, frames.options());
+  std::vector<mel::NfC> a(M), b(M), tw(M + 1);
+  for (int q = 0; q <= M; ++q) tw[q] = mel::twiddle(q, L);
+  const float* fr = frames.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t f = 0; f < frames.size(0); ++f) {
+    for (int n = 0; n < M; ++n) a[n] = mel::NfC{fr[f * L + 2 * n], fr[f * L + 2 * n + 1]};
+    mel::NfC* src = a.data();
+    mel::NfC* dst = b.data();
+    for (int p = 1; p < M; p <<= 1) {
+      for (int i = 0; i < M / 2; ++i) mel::fft_stage(src, dst, tw.data(), M, p, i);
+      std::swap(src, dst);
+    }
+    for (int k = 0; k <= M; ++k) op[f * (M + 1) + k] = mel::rfft_power(src, tw.data(), M, k, static_cast<float>(mag_power));
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nest_fast, m) {
+  m.def("_rfft_power_emulate(Tensor frames, float mag_power) -> Tensor");
   m.def(
       "mel_frontend(Tensor x, Tensor lengths, Tensor window, Tensor fb, int hop, int n_fft, float preemph, "
       "float dither, int seed, int offset, float log_guard, int log_mode, int normalize, int pad_to, "
       "float pad_value, float mag_power, bool legacy) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(nest_fast, CPU, m) { m.impl("mel_frontend", &mel_frontend_cpu); }
+TORCH_LIBRARY_IMPL(nest_fast, CPU, m) {
+  m.impl("mel_frontend", &mel_frontend_cpu);
+  m.impl("_rfft_power_emulate", &rfft_power_emulate);
+}
 
 // Importable Python module (the op registers itself when the shared library loads).
 extern "C" PyObject* PyInit__C(void) {

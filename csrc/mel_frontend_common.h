@@ -83,6 +83,54 @@ NF_HD int64_t reflect_index(int64_t s, int64_t N) {
   return s;
 }
 
+// ---- block-level real FFT used by the fused CUDA kernel (and, index for index, by the CPU emulation op
+// nest_fast::_rfft_power_emulate that the tests check against torch.fft.rfft) --------------------------------
+// A real frame of L = 2M samples is packed as z[n] = x[2n] + i x[2n+1], transformed by an M-point radix-2
+// Stockham FFT (log2 M out-of-place passes, natural order, no bit reversal) and split into X[0..M].
+struct NfC {
+  float re, im;
+};
+
+NF_HD bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// exp(-2 pi i k / L), computed in double
+NF_HD NfC twiddle(int64_t k, int64_t L) {
+#if defined(__CUDA_ARCH__)
+  double s, c;
+  sincospi(-2.0 * static_cast<double>(k) / static_cast<double>(L), &s, &c);
+#else
+  const double a = -2.0 * 3.14159265358979323846 * static_cast<double>(k) / static_cast<double>(L);
+  const double s = std::sin(a), c = std::cos(a);
+#endif
+  return NfC{static_cast<float>(c), static_cast<float>(s)};
+}
+
+// Butterfly i (0 <= i < M/2) of the pass that merges sub-transforms of size p into size 2p.
+// twL[q] = exp(-2 pi i q / (2M)), q <= M, so the pass twiddle exp(-2 pi i k / (2p)) is twL[k * M / p].
+NF_HD void fft_stage(const NfC* in, NfC* out, const NfC* twL, int M, int p, int i) {
+  const int k = i & (p - 1);
+  const NfC u0 = in[i], u1 = in[i + M / 2];
+  const NfC w = twL[k * (M / p)];
+  const NfC v{u1.re * w.re - u1.im * w.im, u1.re * w.im + u1.im * w.re};
+  const int j = (i << 1) - k;
+  out[j] = NfC{u0.re + v.re, u0.im + v.im};
+  out[j + p] = NfC{u0.re - v.re, u0.im - v.im};
+}
+
+// |X[k]|^mag_power (sqrt then power, as the reference) from the packed M-point transform Z, 0 <= k <= M.
+NF_HD float rfft_power(const NfC* Z, const NfC* twL, int M, int k, float mag_power) {
+  const NfC zk = Z[k == M ? 0 : k];
+  const NfC zm = Z[k == 0 ? 0 : M - k];
+  const NfC zc{zm.re, -zm.im};                                      // conj(Z[M-k])
+  const NfC fe{0.5f * (zk.re + zc.re), 0.5f * (zk.im + zc.im)};     // even samples' transform
+  const NfC fo{0.5f * (zk.im - zc.im), -0.5f * (zk.re - zc.re)};    // odd samples': (zk - zc) / 2i
+  const NfC w = twL[k];
+  const float re = fe.re + (w.re * fo.re - w.im * fo.im);
+  const float im = fe.im + (w.re * fo.im + w.im * fo.re);
+  const float mag = sqrtf(re * re + im * im);
+  return mag_power == 2.0f ? mag * mag : (mag_power == 1.0f ? mag : powf(mag, mag_power));
+}
+
 enum LogMode : int64_t { kNoLog = 0, kLogAdd = 1, kLogClamp = 2 };
 
 // Argument checks shared by the CPU and CUDA entry points (clear errors naming the argument).

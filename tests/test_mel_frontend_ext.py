@@ -303,6 +303,21 @@ def test_compile_single_node():
 
 
 # --- CUDA ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("L", [4, 16, 512, 1024])
+def test_fused_kernel_fft_emulated_on_cpu(L):
+    # the fused CUDA kernel's FFT functions (pack, Stockham passes, real split, power), index for index on the CPU
+    ext.op()
+    x = audio(6, L, 16, scale=1.0)
+    x[0] = 0.0
+    x[1] = 1.0
+    ref = torch.fft.rfft(x.double()).abs() ** 2
+    for mag_power, r in ((2.0, ref), (1.0, ref.sqrt())):
+        out = torch.ops.nest_fast._rfft_power_emulate(x, mag_power)
+        assert out.shape == (6, L // 2 + 1) and out.dtype == torch.float32
+        err = ((out.double() - r).abs().max() / r.max()).item()
+        assert err < 2e-6, f"L={L} p={mag_power}: rel err {err}"
+
+
 def test_cuda_sources_compile_with_nvcc():
     assert CU_FILES, "csrc/cuda/*.cu missing"
     if not NVCC:
@@ -315,9 +330,12 @@ def test_cuda_sources_compile_with_nvcc():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["fused", "cufft"])
 @pytest.mark.parametrize("legacy", [False, True])
-def test_cuda_matches_reference(legacy):
+def test_cuda_matches_reference(legacy, path, monkeypatch):
     assert ext._load("cuda"), "nest_fast._C_cuda is not built"
+    if path == "cufft":
+        monkeypatch.setenv("NEST_FAST_MEL_CUFFT", "1")
     fe = nest_fe(legacy=legacy)
     N = 96_000
     lens = torch.tensor([N, 50_001, 480, 320, 160, 0, 1, 12_345])
@@ -330,6 +348,11 @@ def test_cuda_matches_reference(legacy):
     assert_close_features(out.cpu(), ref, tol=2e-4)
     rg, _ = mel_frontend_reference(fe, x.cuda(), lens.cuda())  # the torch path on the GPU too
     assert_close_features(out.cpu(), rg.cpu(), tol=2e-4)
+    # a non-power-of-two n_fft always takes the cuFFT path
+    fe2 = nest_fe(legacy=legacy, n_fft=480, n_window_size=400)
+    ref2, _ = mel_frontend_reference(fe2, x.clone(), lens)
+    out2, _ = ext.mel_frontend_fast(fe2.cuda(), x.cuda(), lens.cuda())
+    assert_close_features(out2.cpu(), ref2, tol=2e-4)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

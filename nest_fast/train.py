@@ -33,6 +33,7 @@ HELP_EPILOG = """main options (key=value overrides on NeMo's config layout):
   model.train_ds.noise_manifest=PATH[,PATH...]       noise manifest(s) for the batch augmentation
   model.train_ds.batch_size=8                        fixed batch size per device (NeMo)
   model.train_ds.batch_duration=SECONDS              or: duration-bucketed batches of ~SECONDS of audio
+  model.train_ds.loader=torch|dali                   data loader (dali: pip install nvidia-dali-cuda130)
   model.train_ds.num_workers=8  model.train_ds.min_duration=1.0  model.train_ds.max_duration=60.0
   preset=small|medium|large|large18|xlarge|xxlarge    encoder size (SPEC §1.2)
   model.optim.lr=5.0  model.optim.sched.warmup_steps=25000  model.optim.weight_decay=1e-3

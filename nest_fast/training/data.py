@@ -23,7 +23,8 @@ from ..data.sampler import BucketingBatchSampler, FixedBatchSampler
 
 # keys nest_fast adds to NeMo's dataset sections (defaults; present so `key=value` overrides need no '+')
 DATASET_EXTRA_DEFAULTS: Dict[str, Any] = {"batch_duration": None, "max_batch_size": None, "bucket_pool_size": 10000,
-                                          "min_audio_len_secs": 1.0, "pad_audio_mode": "repeat", "seed": None}
+                                          "min_audio_len_secs": 1.0, "pad_audio_mode": "repeat", "seed": None,
+                                          "loader": "torch", "dali_num_threads": None, "dali_device": "auto"}
 
 
 def _missing(v) -> bool:
@@ -62,7 +63,17 @@ def build_dataset(ds_cfg: Mapping[str, Any], what: str) -> Optional[AudioNoiseDa
 
 def build_loader(ds: AudioNoiseDataset, ds_cfg: Mapping[str, Any], seed: int, rank: int, world_size: int,
                  train: bool) -> Tuple[torch.utils.data.DataLoader, Any]:
-    """``(DataLoader, sampler)``: batches are built whole in the workers, seeded per ``(seed, epoch, index)``."""
+    """``(DataLoader, sampler)``: batches are built whole in the workers, seeded per ``(seed, epoch, index)``.
+
+    ``loader: dali`` in the dataset section switches to the NVIDIA DALI pipeline (nest_fast.data.dali), which
+    reuses this function's sampler (``loader="torch"``) so order, sharding and resume are identical."""
+    loader = str(ds_cfg.get("loader") or "torch").lower()
+    if loader == "dali":
+        from ..data.dali import build_dali_loader
+
+        return build_dali_loader(ds, ds_cfg, seed, rank, world_size, train)
+    if loader != "torch":
+        raise ValueError(f"{'train_ds' if train else 'validation_ds'}.loader must be 'torch' or 'dali', got {loader!r}")
     seed = int(ds_cfg.get("seed") if ds_cfg.get("seed") is not None else seed)
     shuffle = bool(ds_cfg.get("shuffle", train))
     drop_last = bool(ds_cfg.get("drop_last", False))

@@ -153,16 +153,23 @@ std::tuple<Tensor, Tensor> mel_frontend_cpu(const Tensor& x_, const Tensor& leng
       // 4. power -> mel -> log
       for (int64_t f = 0; f < nf; ++f) {
         const float* c = sp + f * nbins * 2;
-        for (int64_t k = 0; k < nbins; ++k) {
-          const float re = c[2 * k], im = c[2 * k + 1];
-          const float mag = std::sqrt(re * re + im * im);
-          pw[k] = mpow == 2.0f ? mag * mag : (mpow == 1.0f ? mag : std::pow(mag, mpow));
+        float* pwp = pw.data();
+        if (mpow == 2.0f) {
+          for (int64_t k = 0; k < nbins; ++k) {  // sqrt then square, as the reference
+            const float mag = std::sqrt(c[2 * k] * c[2 * k] + c[2 * k + 1] * c[2 * k + 1]);
+            pwp[k] = mag * mag;
+          }
+        } else {
+          for (int64_t k = 0; k < nbins; ++k) {
+            const float mag = std::sqrt(c[2 * k] * c[2 * k] + c[2 * k + 1] * c[2 * k + 1]);
+            pwp[k] = mpow == 1.0f ? mag : std::pow(mag, mpow);
+          }
         }
         float* mrow = melbuf.data() + f * nfilt;
         for (int64_t m = 0; m < nfilt; ++m) {
           const float* w = fbp + m * nbins;
           float acc = 0.0f;
-          for (int64_t k = flo[m]; k < fhi[m]; ++k) acc += w[k] * pw[k];
+          for (int64_t k = flo[m]; k < fhi[m]; ++k) acc += w[k] * pwp[k];
           if (log_mode == mel::kLogAdd) acc = std::log(acc + guard);
           else if (log_mode == mel::kLogClamp) acc = std::log(std::max(acc, guard));
           mrow[m] = acc;

@@ -1,7 +1,8 @@
 """Mel frontend (PERF.md §4): the fused op (``nest_fast.frontend_ext``) vs the reference torch path
 (``mel_frontend_reference``) vs NeMo's FilterbankFeatures (only when NeMo is importable).
 
-Workloads: 64 utterances of 1–30 s (uniform, fixed seed; ≈ 0.28 audio-hours) and 8 × 60 s, NEST settings
+On CUDA, "fast" is the single fused kernel (power-of-two n_fft) and "fast_cufft" the framing + cuFFT + mel path
+(NEST_FAST_MEL_CUFFT=1). Workloads: 64 utterances of 1–30 s (uniform, fixed seed; ≈ 0.28 audio-hours) and 8 × 60 s, NEST settings
 (16 kHz, 25 ms / 10 ms, n_fft 512, 80 Slaney mels, per-feature norm, pad to 16), eval mode (no dither), plus the
 train-mode (dithered) 64 × 1–30 s batch for the two nest_fast paths. Runs on CUDA when present, else CPU.
 Reported: ms per batch, audio-hours per second, speedup over the reference, and on GPU the fraction of the
@@ -70,15 +71,19 @@ def _peak_bw():
     return None
 
 
-@pytest.mark.parametrize("impl,mode", [("reference", "eval"), ("fast", "eval"), ("nemo", "eval"),
-                                       ("reference", "train"), ("fast", "train")])
+@pytest.mark.parametrize("impl,mode", [("reference", "eval"), ("fast", "eval"), ("fast_cufft", "eval"),
+                                       ("nemo", "eval"), ("reference", "train"), ("fast", "train")])
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_mel_frontend(benchmark, workload, impl, mode):
+def test_mel_frontend(benchmark, workload, impl, mode, monkeypatch):
     if mode == "train" and workload != "64x1-30s":
         pytest.skip("train mode is timed on the 64 x 1-30 s batch only")
+    if impl == "fast_cufft":  # the CUDA framing + cuFFT + mel path instead of the single fused kernel
+        if not HAS_CUDA:
+            pytest.skip("the cuFFT path exists on CUDA only")
+        monkeypatch.setenv("NEST_FAST_MEL_CUFFT", "1")
     x, lens = _batch(workload)
     train = mode == "train"
-    if impl == "fast":
+    if impl.startswith("fast"):
         from nest_fast import frontend_ext
 
         fe = _fe(train)
@@ -105,7 +110,7 @@ def test_mel_frontend(benchmark, workload, impl, mode):
     err = (out - ref).abs().max().item()
     assert err <= (1e-4 if not train else 0.05), f"{impl} differs from the reference: max abs err {err:.2e}"
     # the reference (like NeMo) dithers its input in place: time it on a fresh copy each round
-    inputs = [x.clone() for _ in range(2)] if impl != "fast" else [x]
+    inputs = [x.clone() for _ in range(2)] if not impl.startswith("fast") else [x]
 
     def run():
         with torch.no_grad():

@@ -11,7 +11,7 @@ Set ``NEST_FAST_NO_EXT=1`` to skip every extension (pure-Python install).
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,7 +34,7 @@ def extensions():
         print("nest_fast: torch not importable, building without the C++ extension")
         return [], {}
     exts = []
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]
     if cpp:
         exts.append(cpp_extension.CppExtension("nest_fast._C", cpp, extra_compile_args={"cxx": cxx + ["-fopenmp"]},
                                                extra_link_args=["-fopenmp"]))
@@ -44,14 +44,14 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         exts.append(cpp_extension.CUDAExtension(
             "nest_fast._C_cuda", cu,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}))
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]}))
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
 
 
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=["nest_fast", "nest_fast.encoder", "nest_fast.ssl", "nest_fast.data", "nest_fast.kernels"],
+    packages=find_packages(include=["nest_fast", "nest_fast.*"]) + ["nest_fast.kernels"],
     package_dir={"nest_fast": "nest_fast", "nest_fast.kernels": "kernels"},
     package_data={"nest_fast": ["configs/*.yaml"]},
     ext_modules=ext_modules,

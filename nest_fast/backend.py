@@ -9,9 +9,14 @@ mirrors SPEC.md) is registered by the module that owns it; the fast implementati
 
 Selecting the backend::
 
-    nest_fast.set_backend("fast")            # or "reference"
+    nest_fast.set_backend("fast")            # or "reference", or "auto" (the default)
     NEST_FAST_BACKEND=fast python ...        # same, from the environment
     with nest_fast.use_backend("reference"): ...
+
+* ``auto`` (default): the fast kernels for CUDA tensors, the reference path (NeMo's numbers) for CPU tensors.
+* ``fast``: the fast implementation wherever it supports the arguments: CUDA, the C++ mel frontend on CPU,
+  and the Triton kernels on CPU tensors when ``TRITON_INTERPRET=1`` (a correctness tool, not a speed path).
+* ``reference``: plain PyTorch everywhere, bit-exact with NeMo 3.0.0 on CPU.
 
 A fast implementation is a callable with the reference's signature plus an optional
 ``supports(*args, **kwargs) -> bool`` attribute.  When the backend is "fast" and the fast
@@ -28,7 +33,7 @@ import threading
 import warnings
 from typing import Callable, Dict, Iterator, Optional
 
-BACKENDS = ("reference", "fast")
+BACKENDS = ("auto", "reference", "fast")
 
 # op name -> "module:attribute" of its fast implementation (imported on first use)
 FAST_IMPLS: Dict[str, str] = {
@@ -50,11 +55,11 @@ def _check_name(name: str) -> str:
     return name.lower()
 
 
-_default_backend = _check_name(os.environ.get("NEST_FAST_BACKEND", "reference") or "reference")
+_default_backend = _check_name(os.environ.get("NEST_FAST_BACKEND", "auto") or "auto")
 
 
 def set_backend(name: str) -> None:
-    """Select "reference" or "fast" for every op, process-wide."""
+    """Select "auto", "reference" or "fast" for every op, process-wide."""
     global _default_backend
     _default_backend = _check_name(name)
 
@@ -113,23 +118,32 @@ def reference_impl(op: str) -> Callable:
     return _reference[op]
 
 
+def _any_cuda(args, kwargs) -> bool:
+    for a in list(args) + list(kwargs.values()):
+        if getattr(a, "is_cuda", False):
+            return True
+    return False
+
+
+def _select(op: str, args, kwargs) -> Optional[Callable]:
+    name = get_backend()
+    if name == "reference" or (name == "auto" and not _any_cuda(args, kwargs)):
+        return None
+    fn = fast_impl(op)
+    if fn is None:
+        return None
+    supports = getattr(fn, "supports", None)
+    return fn if supports is None or supports(*args, **kwargs) else None
+
+
 def dispatch(op: str, *args, **kwargs):
     """Run ``op`` on the selected backend (falling back to the reference when needed)."""
-    if get_backend() == "fast":
-        fn = fast_impl(op)
-        if fn is not None:
-            supports = getattr(fn, "supports", None)
-            if supports is None or supports(*args, **kwargs):
-                return fn(*args, **kwargs)
+    fn = _select(op, args, kwargs)
+    if fn is not None:
+        return fn(*args, **kwargs)
     return reference_impl(op)(*args, **kwargs)
 
 
 def will_use_fast(op: str, *args, **kwargs) -> bool:
     """Whether :func:`dispatch` would run the fast implementation for these arguments."""
-    if get_backend() != "fast":
-        return False
-    fn = fast_impl(op)
-    if fn is None:
-        return False
-    supports = getattr(fn, "supports", None)
-    return supports is None or bool(supports(*args, **kwargs))
+    return _select(op, args, kwargs) is not None

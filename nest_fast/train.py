@@ -43,7 +43,7 @@ HELP_EPILOG = """main options (key=value overrides on NeMo's config layout):
   exp_manager.exp_dir=DIR  exp_manager.name=NAME  exp_manager.resume_if_exists=true
   exp_manager.checkpoint_callback_params.save_top_k=1
   init_from_nemo_model=FILE.nemo                     initialise the weights from a NeMo model / state dict
-  seed=0  backend=reference|fast
+  seed=0  backend=auto|reference|fast
 Use +key=value to add a key the config lacks and ~key to delete one. An unknown key fails with the
 nearest valid key. SIGTERM/SIGINT save a checkpoint and stop; the same command resumes the run."""
 

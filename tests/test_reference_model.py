@@ -187,6 +187,20 @@ def test_backend_switch_and_env():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "NEST_FAST_BACKEND": "fast"}, check=True)
     assert out.stdout.strip() == "fast"
+    env = {k: v for k, v in os.environ.items() if k != "NEST_FAST_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "auto"  # the default: kernels for CUDA tensors, the reference for CPU tensors
+
+
+def test_auto_backend_keeps_cpu_tensors_on_the_reference_path():
+    from nest_fast import backend
+
+    m = _small()
+    x, n = torch.randn(1, 16000), torch.tensor([16000])
+    with nest_fast.use_backend("auto"):
+        assert not backend.will_use_fast("mel_frontend", m.preprocessor.featurizer, x, n)
+    with nest_fast.use_backend("fast"):  # the C++ CPU op is a real fast path on CPU
+        assert backend.will_use_fast("mel_frontend", m.preprocessor.featurizer, x, n)
 
 
 def test_import_without_nemo_or_heavy_deps():

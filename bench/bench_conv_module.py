@@ -28,6 +28,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cuda_peak_mib, cuda_time_ms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,32 +39,8 @@ VARIANTS = ["eager", "compiled", "fast"]
 RESULTS = {}
 
 
-def _time_ms(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def _peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2 ** 20
+_time_ms = cuda_time_ms
+_peak_mib = cuda_peak_mib
 
 
 @pytest.fixture(scope="module")

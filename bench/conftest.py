@@ -43,3 +43,33 @@ def device_name() -> str:
 def sync():
     if HAS_CUDA:
         torch.cuda.synchronize()
+
+
+def cuda_time_ms(fn, iters=20, warmup=3):
+    """Median of ``iters`` CUDA-event timings of ``fn()`` after ``warmup`` calls, in ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def cuda_peak_mib(fn):
+    """Peak CUDA memory (MiB) allocated by ``fn()`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2 ** 20

@@ -2,8 +2,8 @@
 
 :func:`convert_sync_batchnorm` swaps every ``nn.BatchNorm1d`` for :class:`CPUSyncBatchNorm` (same parameters,
 buffers and state-dict keys). In training with an initialised process group of more than one rank, the batch
-mean/variance are computed over all ranks' batches (sums of x and x² all-reduced with an autograd-aware
-all-reduce, so gradients flow across ranks as with torch's SyncBatchNorm); otherwise it is plain BatchNorm.
+mean/variance are computed over all ranks' batches (per-rank centred statistics gathered with an autograd-aware
+all-gather and merged exactly, so gradients flow across ranks as with torch's SyncBatchNorm); otherwise it is plain BatchNorm.
 """
 
 from __future__ import annotations
@@ -18,17 +18,23 @@ class CPUSyncBatchNorm(nn.BatchNorm1d):
 
         if not self.training or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        from torch.distributed.nn.functional import all_gather
 
         C = x.size(1)
         dims = [0, 2] if x.dim() == 3 else [0]
         xf = x.float()
         n_local = xf.numel() // C
-        packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), float(n_local))])
-        packed = all_reduce(packed)
-        n = packed[2 * C]
-        mean = packed[:C] / n
-        var = (packed[C:2 * C] / n - mean * mean).clamp_min(0)
+        # per-rank centred statistics (mean, M2, count) merged exactly (Chan et al.), as torch's SyncBatchNorm
+        # does: no E[x^2] - mean^2 cancellation. all_gather is autograd-aware, so gradients flow across ranks.
+        mean_l = xf.mean(dims)
+        m2_l = (xf - mean_l.view((1, C, 1) if x.dim() == 3 else (1, C))).square().sum(dims)
+        packed = torch.cat([mean_l, m2_l, xf.new_full((1,), float(n_local))])
+        stats = torch.stack(all_gather(packed))  # [world, 2C+1]
+        counts = stats[:, 2 * C:2 * C + 1]
+        n = counts.sum()
+        mean = (stats[:, :C] * counts).sum(0) / n
+        m2 = (stats[:, C:2 * C] + counts * (stats[:, :C] - mean).square()).sum(0)
+        var = m2 / n
         with torch.no_grad():
             if self.track_running_stats and self.running_mean is not None:
                 self.num_batches_tracked += 1

@@ -43,7 +43,7 @@ HELP_EPILOG = """main options (key=value overrides on NeMo's config layout):
   exp_manager.exp_dir=DIR  exp_manager.name=NAME  exp_manager.resume_if_exists=true
   exp_manager.checkpoint_callback_params.save_top_k=1
   init_from_nemo_model=FILE.nemo                     initialise the weights from a NeMo model / state dict
-  seed=0  backend=auto|reference|fast
+  seed=0  backend=auto|reference|fast  compile=false|true|BACKEND (torch.compile the encoder)
 Use +key=value to add a key the config lacks and ~key to delete one. An unknown key fails with the
 nearest valid key. SIGTERM/SIGINT save a checkpoint and stop; the same command resumes the run."""
 
@@ -58,6 +58,7 @@ def _defaults(cfg: Dict[str, Any]) -> None:
     cfg.setdefault("seed", 0)
     cfg.setdefault("init_from_nemo_model", None)
     cfg.setdefault("backend", None)
+    cfg.setdefault("compile", False)
     model = cfg.setdefault("model", {})
     for sec in ("train_ds", "validation_ds"):
         ds = model.get(sec)

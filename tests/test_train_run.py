@@ -164,3 +164,17 @@ def test_ddp_two_processes_match_single(tmp_path):
     for k in a:
         if a[k].is_floating_point():
             assert (a[k] - b[k]).abs().mean() < 5e-3 * max(1.0, float(a[k].abs().mean())), k
+
+
+@pytest.mark.slow
+def test_compile_option_trains_with_same_first_loss(corpus, tmp_path):
+    """``compile=...`` torch.compiles the encoder in place: same first-step loss, keys unchanged, training runs."""
+    torch.set_num_threads(1)
+    extra = ["trainer.max_steps=2", "trainer.val_check_interval=2"]
+    plain = train(_cfg(corpus, tmp_path / "plain", *extra))
+    comp = train(_cfg(corpus, tmp_path / "comp", *extra, "compile=aot_eager"))
+    assert list(comp["train_losses"]) == [1, 2]
+    assert abs(comp["train_losses"][1] - plain["train_losses"][1]) <= 1e-5 * abs(plain["train_losses"][1])
+    a = torch.load(plain["last_checkpoint"], weights_only=False)["state_dict"]
+    b = torch.load(comp["last_checkpoint"], weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()

@@ -126,6 +126,9 @@ class NESTLightningModule(pl.LightningModule):
         self.cfg = cfg
         mcfg = cfg["model"]
         self.model = NESTModel(mcfg)
+        compile_backend = cfg.get("compile")
+        if compile_backend:  # torch.compile the encoder in place (state-dict keys unchanged); kernels are custom ops
+            self.model.encoder.compile(backend="inductor" if compile_backend is True else str(compile_backend))
         self.sample_rate = int(mcfg.get("sample_rate", 16000))
         self.train_set, self.val_set, self.run_dir = train_set, val_set, run_dir
         self.seed = int(cfg.get("seed") or 0)

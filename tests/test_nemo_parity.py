@@ -214,3 +214,20 @@ def test_large_preset_eval_parity():
     assert torch.equal(el_n, el_o) and torch.equal(m_n, m_o) and torch.equal(t_n, t_o)
     for b, e in enumerate(el_n.tolist()):
         _close(lp_o[b, :e], lp_n[b, :e], "large log-probs (valid frames)")
+
+
+def test_bf16_autocast_parity():
+    """Under (CPU) bf16 autocast both models take the same mixed-precision path: same log-probs."""
+    nemo, ours = _pair(_cfg("small2"))
+    nemo.eval()
+    ours.eval()
+    x, n = _audio(*LENGTH_SETS[0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        f, fl = nemo.preprocessor(input_signal=x.clone(), length=n)
+        e_n, el = nemo.encoder(audio_signal=f, length=fl)
+        e_o, _ = ours.encoder(audio_signal=f, length=fl)
+        assert e_o.dtype == e_n.dtype
+        lp_n, lp_o = nemo.decoder(encoder_output=e_n), ours.decoder(encoder_output=e_o)
+    for b, e in enumerate(el.tolist()):
+        _close(e_o[b, :, :e], e_n[b, :, :e], "bf16 encoder output")
+        _close(lp_o[b, :e], lp_n[b, :e], "bf16 log-probs")

@@ -7,6 +7,7 @@ tensors exactly as NeMo does; the fast backend replaces it with a fused Triton k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -62,6 +63,13 @@ class RelPositionalEncoding(nn.Module):
         if self.dropout_emb is not None:
             pos_emb = self.dropout_emb(pos_emb)
         return x, pos_emb
+
+
+def _avoid_float16_autocast():
+    """NeMo's ``avoid_float16_autocast_context``: inside a CUDA fp16 autocast, run in bf16 (fp32 if unsupported)."""
+    if torch.is_autocast_enabled() and torch.get_autocast_dtype("cuda") == torch.float16:
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    return contextlib.nullcontext()
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +155,14 @@ class RelPositionMultiHeadAttention(nn.Module):
         """``mask``: [B,T,T] True = forbidden (NeMo's att_mask); ``lengths`` (optional) lets the fast
         kernel skip building it. Returns [B,T,d_model]."""
         B, T, _ = query.shape
-        q = self.linear_q(query).view(B, -1, self.h, self.d_k)
-        k = self.linear_k(key).view(B, -1, self.h, self.d_k)
-        v = self.linear_v(value).view(B, -1, self.h, self.d_k)
-        p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k)
-        out = backend.dispatch("rel_pos_attention", q, k, v, p, self.pos_bias_u, self.pos_bias_v,
-                               lengths=lengths, dropout_p=self.dropout_rate, training=self.training, att_mask=mask)
-        return self.linear_out(out.reshape(B, T, self.h * self.d_k))
+        if torch.is_autocast_enabled():  # as NeMo: q/k/v inputs in fp32 under autocast ...
+            query, key, value = query.float(), key.float(), value.float()
+        with _avoid_float16_autocast():  # ... and an fp16 autocast becomes bf16 (or fp32) for this block
+            q = self.linear_q(query).view(B, -1, self.h, self.d_k)
+            k = self.linear_k(key).view(B, -1, self.h, self.d_k)
+            v = self.linear_v(value).view(B, -1, self.h, self.d_k)
+            p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k)
+            out = backend.dispatch("rel_pos_attention", q, k, v, p, self.pos_bias_u, self.pos_bias_v,
+                                   lengths=lengths, dropout_p=self.dropout_rate, training=self.training,
+                                   att_mask=mask)
+            return self.linear_out(out.reshape(B, T, self.h * self.d_k))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_features_and_lengths
-from .attention import RelPositionalEncoding, lengths_to_att_mask
+from .attention import RelPositionalEncoding
 from .conformer import ConformerLayer
 from .subsampling import ConvSubsampling
 
@@ -145,9 +145,10 @@ class ConformerEncoder(nn.Module):
         T = x.size(1)
         valid = torch.arange(T, device=x.device)[None, :] < length[:, None]
         pad_mask = ~valid
-        att_mask = lengths_to_att_mask(length, T)
+        # No [B,T,T] attention mask here: the layers get the lengths; the reference attention builds NeMo's mask
+        # from them, the fused kernel never needs one (nothing O(T^2) on the fast path).
         for layer in self.layers:
-            x = layer(x, att_mask=att_mask, pos_emb=pos_emb, pad_mask=pad_mask, lengths=length)
+            x = layer(x, att_mask=None, pos_emb=pos_emb, pad_mask=pad_mask, lengths=length)
         if self.out_proj is not None:
             x = self.out_proj(x)
         return x.transpose(1, 2), length

@@ -25,6 +25,7 @@ import random as _random_module
 from collections import Counter
 from typing import Any, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -92,6 +93,29 @@ class SpeakerNoiseAugmentation:
         if noise_energy > 0:
             return math.sqrt(audio_energy / (10 ** (ratio_db / 10) * noise_energy))
         return 0
+
+    def draw_mix(self, L: int, B: int, rng) -> Tuple[int, List[int], int, str, float]:
+        """The per-item draws after the ``prob`` test, in NeMo's order: ``(mix_len, segment_lens, num_speakers,
+        mode, ratio_db)``. Shared by the torch augmentation and the DALI loader's planner (same RNG stream)."""
+        if 0 <= self.min_mix_rate < self.max_mix_rate <= 1:
+            mix_rate = rng.uniform(self.min_mix_rate, self.max_mix_rate)
+        else:
+            mix_rate = self.min_mix_rate  # no draw
+        # NeMo: max(1, int(L * mix_rate)) with L a 0-dim int64 tensor, i.e. a float32 product
+        mix_len = max(1, int(np.float32(L) * np.float32(mix_rate)))
+        num_segments = rng.randint(self.min_num_segments, self.max_num_segments)
+        num_speakers = min(rng.randint(self.min_num_speakers, self.max_num_speakers), B)
+        # mix_len draws even with one segment; lengths in order of first appearance (Counter is a dict)
+        if num_segments == 1 and hasattr(rng, "getrandbits"):
+            # same RNG advance as choices(range(1), k=mix_len) (each random() eats two 32-bit words),
+            # without the Python loop over mix_len draws
+            rng.getrandbits(64 * mix_len)
+            segment_lens = [mix_len]
+        else:
+            segment_lens = list(Counter(rng.choices(range(num_segments), k=mix_len)).values())
+        if rng.random() < self.noise_ratio or B == 1:
+            return mix_len, segment_lens, num_speakers, "noise", rng.uniform(self.min_r_noise, self.max_r_noise)
+        return mix_len, segment_lens, num_speakers, "speech", rng.uniform(self.min_r_speech, self.max_r_speech)
 
     def augment(self, audio: Tensor, audio_len: Tensor, noise: Tensor, noise_len: Tensor,
                 rng=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -197,26 +221,8 @@ class MultiSpeakerNoiseAugmentation(SpeakerNoiseAugmentation):
         for i in range(B):
             if rng.random() > self.prob:  # quirk (a): a skipped item keeps its raw loaded noise
                 continue
-            L = audio_len[i]  # a 0-dim int64 tensor: L * rate below is float32 arithmetic, as in NeMo
-            if 0 <= self.min_mix_rate < self.max_mix_rate <= 1:
-                mix_rate = rng.uniform(self.min_mix_rate, self.max_mix_rate)
-            else:
-                mix_rate = self.min_mix_rate  # no draw
-            mix_len = max(1, int(L * mix_rate))
-            num_segments = rng.randint(self.min_num_segments, self.max_num_segments)
-            num_speakers = min(rng.randint(self.min_num_speakers, self.max_num_speakers), B)
-            # mix_len draws even with one segment; lengths in order of first appearance (Counter is a dict)
-            if num_segments == 1 and hasattr(rng, "getrandbits"):
-                # same RNG advance as choices(range(1), k=mix_len) (each random() eats two 32-bit words),
-                # without the Python loop over mix_len draws
-                rng.getrandbits(64 * mix_len)
-                segment_lens = [mix_len]
-            else:
-                segment_lens = list(Counter(rng.choices(range(num_segments), k=mix_len)).values())
-            if rng.random() < self.noise_ratio or B == 1:
-                mode, ratio = "noise", rng.uniform(self.min_r_noise, self.max_r_noise)
-            else:
-                mode, ratio = "speech", rng.uniform(self.min_r_speech, self.max_r_speech)
+            L = audio_len[i]
+            mix_len, segment_lens, num_speakers, mode, ratio = self.draw_mix(int(L), B, rng)
             segments = self.noise_segments(i, audio, audio_len, noise, noise_len, segment_lens, num_speakers,
                                            mode, rng)
             sig = torch.zeros_like(audio[i])

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import random
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -95,11 +95,6 @@ def _dali():
 
 
 # ================================================================================================ augmentation
-def _mix_len(L: int, mix_rate: float) -> int:
-    # NeMo: max(1, int(L * mix_rate)) with L a 0-dim int64 tensor, i.e. a float32 product
-    return max(1, int(np.float32(L) * np.float32(mix_rate)))
-
-
 def plan_augmentation(aug: MultiSpeakerNoiseAugmentation, audio_len: Sequence[int], noise_len: Sequence[int],
                       rng=None):
     """The random decisions of ``aug.augment`` for a batch, drawn from ``rng`` (a ``random.Random``) in exactly
@@ -118,22 +113,7 @@ def plan_augmentation(aug: MultiSpeakerNoiseAugmentation, audio_len: Sequence[in
         if rng.random() > aug.prob:
             continue
         L = int(audio_len[i])
-        if 0 <= aug.min_mix_rate < aug.max_mix_rate <= 1:
-            mix_rate = rng.uniform(aug.min_mix_rate, aug.max_mix_rate)
-        else:
-            mix_rate = aug.min_mix_rate
-        mix_len = _mix_len(L, mix_rate)
-        num_segments = rng.randint(aug.min_num_segments, aug.max_num_segments)
-        num_speakers = min(rng.randint(aug.min_num_speakers, aug.max_num_speakers), B)
-        if num_segments == 1 and hasattr(rng, "getrandbits"):
-            rng.getrandbits(64 * mix_len)  # = choices(range(1), k=mix_len), as the torch augmentor does it
-            seg_lens = [mix_len]
-        else:
-            seg_lens = list(Counter(rng.choices(range(num_segments), k=mix_len)).values())
-        if rng.random() < aug.noise_ratio or B == 1:
-            mode, ratio = "noise", rng.uniform(aug.min_r_noise, aug.max_r_noise)
-        else:
-            mode, ratio = "speech", rng.uniform(aug.min_r_speech, aug.max_r_speech)
+        mix_len, seg_lens, num_speakers, mode, ratio = aug.draw_mix(L, B, rng)
         sources: List[Tuple[int, int, int, int]] = []  # (src, row, base, period) per segment
         if mode == "noise":
             nl = int(noise_len[i])
